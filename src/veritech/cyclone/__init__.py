@@ -1,0 +1,1 @@
+"""cyclone: the small HTTP/WebSocket server that runs inside each sandbox."""

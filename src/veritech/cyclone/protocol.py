@@ -1,0 +1,78 @@
+"""Reading the runner's stdout (pure; docs/protocol.md, section 3).
+
+Every line the runner itself writes is a JSON object carrying the nonce that
+cyclone gave it with the request. Any other line is text that user code wrote
+to stdout directly; it becomes an ordinary output line, never a protocol
+message, whatever it looks like.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from veritech.wire import now_rfc3339
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    stream: str
+    level: str
+    message: str
+    timestamp: str
+
+
+@dataclass(frozen=True, slots=True)
+class Returned:
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Threw:
+    name: str
+    message: str
+
+
+RunnerEvent = Output | Returned | Threw
+
+_STREAMS = ("stdout", "stderr")
+_LEVELS = ("debug", "info", "warn", "error")
+
+
+def parse_runner_line(line: str, nonce: str) -> RunnerEvent:
+    """Turn one stdout line of the runner into an event."""
+    try:
+        obj = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict) or obj.get("nonce") != nonce:
+        return Output("stdout", "info", line, now_rfc3339())
+
+    kind = obj.get("type")
+    if kind == "return":
+        return Returned(obj.get("value"))
+    if kind == "throw":
+        return Threw(str(obj.get("name", "Error")), str(obj.get("message", "")))
+    if kind == "output":
+        stream = obj.get("stream")
+        level = obj.get("level")
+        return Output(
+            stream if stream in _STREAMS else "stdout",
+            level if level in _LEVELS else "info",
+            str(obj.get("message", "")),
+            str(obj.get("timestamp") or now_rfc3339()),
+        )
+    return Output("stdout", "info", line, now_rfc3339())
+
+
+def stderr_output(line: str) -> Output:
+    """A line the runner process wrote on stderr (Deno's own complaints)."""
+    return Output("stderr", "warn", line, now_rfc3339())
+
+
+OOM_MARKERS = ("Reached heap limit", "JavaScript heap out of memory", "out of memory")
+
+
+def looks_out_of_memory(stderr_tail: str) -> bool:
+    return any(marker in stderr_tail for marker in OOM_MARKERS)
