@@ -109,8 +109,10 @@ def _require_object(value: Any, what: str) -> dict[str, Any]:
 
 
 def _optional_string(value: dict[str, Any], field: str, what: str) -> None:
-    if field in value and value[field] is not None and not isinstance(
-        value[field], str
+    if (
+        field in value
+        and value[field] is not None
+        and not isinstance(value[field], str)
     ):
         got = _type_name(value[field])
         raise _Invalid(f"{what} field {field!r} must be a string, got {got}")

@@ -117,7 +117,9 @@ def parse_kind(token: str) -> Kind:
         return Kind(token)
     except ValueError:
         allowed = ", ".join(k.value for k in Kind)
-        raise InvalidRequest(f"unknown kind {token!r}: expected one of {allowed}") from None
+        raise InvalidRequest(
+            f"unknown kind {token!r}: expected one of {allowed}"
+        ) from None
 
 
 def salvage_execution_id(document: Any) -> str:
@@ -171,7 +173,9 @@ Stream = Literal["stdout", "stderr"]
 Level = Literal["debug", "info", "warn", "error"]
 
 
-def output_body(stream: str, level: str, message: str, timestamp: str) -> dict[str, Any]:
+def output_body(
+    stream: str, level: str, message: str, timestamp: str
+) -> dict[str, Any]:
     return {
         "type": MessageType.OUTPUT.value,
         "stream": stream,

@@ -40,21 +40,38 @@ def main() -> None:
     help="Exit when no /watch session has been open for this many seconds.",
 )
 @click.option(
-    "--heartbeat-interval", type=click.FloatRange(min=0.05), default=5.0,
-    show_default=True, help="Seconds between heartbeat frames during an execution.",
+    "--heartbeat-interval",
+    type=click.FloatRange(min=0.05),
+    default=5.0,
+    show_default=True,
+    help="Seconds between heartbeat frames during an execution.",
 )
 @click.option(
-    "--memory-mb", type=click.IntRange(min=16), default=256, show_default=True,
+    "--memory-mb",
+    type=click.IntRange(min=16),
+    default=256,
+    show_default=True,
     help="V8 heap limit of the runner.",
 )
 @click.option(
-    "--default-timeout-ms", type=click.IntRange(min=1), default=30_000,
-    show_default=True, help="Timeout of a request that names none.",
+    "--default-timeout-ms",
+    type=click.IntRange(min=1),
+    default=30_000,
+    show_default=True,
+    help="Timeout of a request that names none.",
 )
-@click.option("--socket-mode", default="600", show_default=True,
-              help="Octal mode of the Unix socket.")
-@click.option("--work-dir", type=click.Path(path_type=Path), default=None,
-              help="Private scratch directory (default: a new temporary one).")
+@click.option(
+    "--socket-mode",
+    default="600",
+    show_default=True,
+    help="Octal mode of the Unix socket.",
+)
+@click.option(
+    "--work-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Private scratch directory (default: a new temporary one).",
+)
 @click.option("--deno", default=None, help="Path of the deno binary.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv: wire).")
 def serve(
@@ -78,7 +95,11 @@ def serve(
     except ValueError:
         raise click.BadParameter("expected an octal mode such as 600") from None
     logging.basicConfig(
-        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        level=logging.DEBUG
+        if verbose > 1
+        else logging.INFO
+        if verbose
+        else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     with tempfile.TemporaryDirectory(prefix="cyclone-") as scratch:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -40,13 +41,20 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 READY_TIMEOUT_S = 30.0
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: be killed when cyclone dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 def runner_script() -> Path:
     """Path of the lang-js runner shipped inside the package."""
     return Path(str(resources.files("veritech.runners").joinpath("lang_js.ts")))
 
 
 def default_deno() -> str:
-    from deno import find_deno_bin
+    from deno import find_deno_bin  # type: ignore[import-untyped]
 
     return str(find_deno_bin())
 
@@ -124,6 +132,7 @@ class Runner:
             cwd=str(config.work_dir),
             limit=MAX_LINE_BYTES,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         runner = cls(process, config.memory_mb)
         await runner._wait_ready()

@@ -22,15 +22,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from veritech.cyclone.protocol import Output
+from veritech.cyclone.protocol import Output, Returned, Threw
 from veritech.cyclone.runner import (
     Crashed,
     Ending,
-    Returned,
     Runner,
     RunnerConfig,
     RunnerStartError,
-    Threw,
 )
 from veritech.errors import InvalidRequest
 from veritech.results import Thrown, outcome_body

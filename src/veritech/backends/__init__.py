@@ -1,0 +1,1 @@
+"""Where cyclone instances run: one interface, several backends."""

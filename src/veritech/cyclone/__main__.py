@@ -1,0 +1,3 @@
+from veritech.cli.cyclone_cli import main
+
+main()

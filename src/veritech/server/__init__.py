@@ -1,0 +1,1 @@
+"""veritech: the dispatcher server (NATS in, cyclone instances out)."""
