@@ -96,7 +96,9 @@ def _image_id(ref: str) -> str | None:
         text=True,
         check=False,
     )
-    return result.stdout.strip() or None if result.returncode == 0 else None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
 
 
 def build_image(tag: str | None = None, *, rebuild_base: bool = False) -> str:
