@@ -10,7 +10,8 @@ VeritechError
 ├── SecretError           a sealed secret could not be opened
 ├── BackendError          a backend could not provide an instance
 │   └── ImageUnavailable  the requested image cannot be had
-└── NatsServerError       the bundled nats-server did not start
+├── NatsServerError       the bundled nats-server did not start
+└── ImageBuildError       building the cyclone image failed (image.py)
 """
 
 from __future__ import annotations
