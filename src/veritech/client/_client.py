@@ -21,9 +21,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from veritech.errors import (
+    ClientError,
     ClientTimeout,
     ExecutionLost,
-    InvalidRequest,
     NoResponders,
     RequestTooLarge,
 )
