@@ -151,11 +151,9 @@ class Client:
         try:
             document = json.loads(msg.data)
         except json.JSONDecodeError as exc:
-            raise InvalidRequest(
-                f"veritech sent a reply that is not JSON: {exc}"
-            ) from exc
+            raise ClientError(f"veritech sent a reply that is not JSON: {exc}") from exc
         if not isinstance(document, dict):
-            raise InvalidRequest("veritech sent a reply that is not a JSON object")
+            raise ClientError("veritech sent a reply that is not a JSON object")
         return document
 
     async def run(self, kind: Kind | str, request: dict[str, Any]) -> dict[str, Any]:
