@@ -34,8 +34,14 @@ def find_nats_server() -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_nats_server(max_payload: int | None = None) -> AsyncIterator[str]:
-    """Start nats-server on a free loopback port; yield its URL; stop it after."""
+async def open_nats_server(
+    max_payload: int | None = None, port: int | None = None
+) -> AsyncIterator[str]:
+    """Start nats-server on a loopback port; yield its URL; stop it after.
+
+    Without ``port`` the server picks a free one; a given port lets a caller
+    restart a server at the address its clients reconnect to.
+    """
     with tempfile.TemporaryDirectory(prefix="veritech-nats-") as scratch:
         # Port -1 lets the server pick a free port; it tells which through a
         # ports file, which avoids the race of choosing a port ahead of time.
@@ -44,7 +50,7 @@ async def open_nats_server(max_payload: int | None = None) -> AsyncIterator[str]
             "--addr",
             "127.0.0.1",
             "--port",
-            "-1",
+            str(port) if port is not None else "-1",
             "--http_port",
             "0",
             "--ports_file_dir",

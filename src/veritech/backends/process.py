@@ -55,6 +55,11 @@ class ProcessInstance(Instance):
     def alive(self) -> bool:
         return self._process.returncode is None
 
+    @property
+    def pid(self) -> int:
+        """PID of the instance's process (bubblewrap where it sandboxes cyclone)."""
+        return self._process.pid
+
     async def describe_failure(self) -> str:
         with contextlib.suppress(OSError):
             text = self._stderr.read_text(errors="replace").strip()
