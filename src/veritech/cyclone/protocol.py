@@ -66,6 +66,23 @@ def parse_runner_line(line: str, nonce: str) -> RunnerEvent:
     return Output("stdout", "info", line, now_rfc3339())
 
 
+def split_runner_line(line: str, nonce: str) -> list[RunnerEvent]:
+    """The events of one stdout line, which may start with user text.
+
+    User code can write to stdout without a final newline; the runner's next
+    line then continues that text. Only the runner knows the nonce, so its own
+    object starts where ``{"nonce":"<nonce>"`` does: what comes before is
+    output, and the protocol message after it is neither lost nor shown.
+    """
+    start = line.find('{"nonce":' + json.dumps(nonce))
+    if start <= 0:
+        return [parse_runner_line(line, nonce)]
+    return [
+        Output("stdout", "info", line[:start], now_rfc3339()),
+        parse_runner_line(line[start:], nonce),
+    ]
+
+
 def stderr_output(line: str) -> Output:
     """A line the runner process wrote on stderr (Deno's own complaints)."""
     return Output("stderr", "warn", line, now_rfc3339())

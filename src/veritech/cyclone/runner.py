@@ -25,10 +25,9 @@ from typing import Any
 from veritech.cyclone.protocol import (
     Output,
     Returned,
-    RunnerEvent,
     Threw,
     looks_out_of_memory,
-    parse_runner_line,
+    split_runner_line,
     stderr_output,
 )
 from veritech.wire import ErrorKind
@@ -229,13 +228,11 @@ class Runner:
             raw = await self._process.stdout.readline()
             if not raw:
                 return None
-            event: RunnerEvent = parse_runner_line(
-                raw.rstrip(b"\n").decode("utf-8", errors="replace"), nonce
-            )
-            if isinstance(event, Output):
+            line = raw.rstrip(b"\n").decode("utf-8", errors="replace")
+            for event in split_runner_line(line, nonce):
+                if not isinstance(event, Output):
+                    return event
                 await emit(event)
-            else:
-                return event
 
     async def _pump_stderr(self, emit: Emit, tail: list[str]) -> None:
         assert self._process.stderr is not None
