@@ -88,7 +88,13 @@ def stderr_output(line: str) -> Output:
     return Output("stderr", "warn", line, now_rfc3339())
 
 
-OOM_MARKERS = ("Reached heap limit", "JavaScript heap out of memory", "out of memory")
+# V8's own words, then Rust's when an allocation outside V8 hits RLIMIT_DATA.
+OOM_MARKERS = (
+    "Reached heap limit",
+    "JavaScript heap out of memory",
+    "out of memory",
+    "memory allocation of",
+)
 
 
 def looks_out_of_memory(stderr_tail: str) -> bool:

@@ -13,11 +13,13 @@ import ctypes
 import json
 import logging
 import os
+import resource
 import secrets
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,30 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 READY_TIMEOUT_S = 30.0
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: be killed when cyclone dies, however it dies."""
+# V8 reserves its code range (512 MiB) as writable private memory at startup,
+# which RLIMIT_DATA counts although it is never touched: measured, Deno 2.9
+# needs about 540 MiB of RLIMIT_DATA to start at all. This reserve covers that
+# and Deno's own allocations (the TypeScript compiler, buffers).
+RUNTIME_DATA_RESERVE_MB = 640
+
+
+def data_limit_bytes(memory_mb: int) -> int:
+    """The runner's RLIMIT_DATA: the V8 heap, as much again outside it
+    (ArrayBuffers, WebAssembly memory), and the runtime's reserve."""
+    return (2 * memory_mb + RUNTIME_DATA_RESERVE_MB) * 1024 * 1024
+
+
+def _prepare_child(data_limit: int) -> None:
+    """In the child before exec: be killed when cyclone dies, however it dies,
+    and bound the memory it can commit, the V8 heap's limit aside.
+
+    RLIMIT_AS cannot be used: V8 reserves many GiB of address space up front
+    (pointer cage, code range) and Deno does not start under any useful one.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
     libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))
 
 
 def runner_script() -> Path:
@@ -131,7 +152,7 @@ class Runner:
             cwd=str(config.work_dir),
             limit=MAX_LINE_BYTES,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=partial(_prepare_child, data_limit_bytes(config.memory_mb)),
         )
         runner = cls(process, config.memory_mb)
         await runner._wait_ready()
@@ -220,6 +241,12 @@ class Runner:
         # 3. The runner ended without a result line: say what is known of why.
         if ending is None:
             return await self._crashed("\n".join(stderr_tail))
+        if _is_allocation_failure(ending):
+            return Crashed(
+                ErrorKind.OUT_OF_MEMORY,
+                "the function ran out of memory: an ArrayBuffer allocation failed "
+                f"(limit {self._memory_mb} MiB outside the heap)",
+            )
         return ending
 
     async def _pump_stdout(self, nonce: str, emit: Emit) -> Returned | Threw | None:
@@ -276,6 +303,16 @@ class Runner:
                 os.killpg(self._process.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             await self._process.wait()
+
+
+def _is_allocation_failure(ending: Ending) -> bool:
+    # What V8 throws when memory outside its heap (an ArrayBuffer's backing
+    # store) cannot be had: here, because the runner's RLIMIT_DATA is reached.
+    return (
+        isinstance(ending, Threw)
+        and ending.name == "RangeError"
+        and ending.message == "Array buffer allocation failed"
+    )
 
 
 async def _settle(task: asyncio.Task[None]) -> None:

@@ -100,11 +100,13 @@ class ReplyStream:
         if self._lines >= self._limits.max_lines:
             return [self._cut(f"more than {self._limits.max_lines} output lines")]
         self._lines += 1
-        encoded = message.encode("utf-8")
-        if len(encoded) > self._limits.max_line_bytes:
-            cut = encoded[: self._limits.max_line_bytes].decode("utf-8", "ignore")
-            body["message"] = cut
-            limit = f"an output line longer than {self._limits.max_line_bytes} bytes"
+        # A line must also fit a NATS message once JSON-escaped (a control
+        # character takes six bytes there), or its publish would fail.
+        max_bytes = min(self._limits.max_line_bytes, self._max_payload - ENVELOPE_BYTES)
+        budget = self._max_payload - ENVELOPE_BYTES
+        if len(message.encode("utf-8")) > max_bytes or _wire_size(message) > budget:
+            body["message"] = _shorten(message, max_bytes, budget)
+            limit = f"an output line longer than {max_bytes} bytes"
             return [self._stamp(body), self._cut(limit)]
         return [self._stamp(body)]
 
@@ -147,6 +149,19 @@ class ReplyStream:
             }
         self.finished = True
         return message
+
+
+def _wire_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
+
+
+def _shorten(text: str, max_bytes: int, budget: int) -> str:
+    """The longest prefix of ``text`` within ``max_bytes`` of UTF-8 whose
+    JSON form fits ``budget`` bytes (approached by proportional cuts)."""
+    cut = text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
+    while (size := _wire_size(cut)) > budget:
+        cut = cut[: min(len(cut) - 1, len(cut) * budget // size)]
+    return cut
 
 
 def result_from_frame(frame: dict[str, Any]) -> dict[str, Any]:

@@ -245,19 +245,29 @@ class Veritech:
             execution = self._running.get(execution_id)
             # Only the instance running the execution answers; the others stay
             # silent, so no answer means nobody runs it.
-            if execution is None:
+            if execution is None or not self._kill(execution):
                 return
-            self._kill(execution)
             logger.info("execution %s killed on request", execution_id)
             if msg.reply:
                 await self._publish_raw(
                     msg.reply, {"execution_id": execution_id, "killed": True}
                 )
 
-    def _kill(self, execution: Execution) -> None:
-        if execution.task is not None and not execution.task.done():
-            execution.killed = True
+    def _kill(self, execution: Execution) -> bool:
+        """Stop the execution; False when it has already ended.
+
+        A kill that arrives before the execution's task exists (while
+        ``accepted`` is being published) is remembered: the task sees the
+        flag and ends at once as killed.
+        """
+        if execution.stream.finished or (
+            execution.task is not None and execution.task.done()
+        ):
+            return False
+        execution.killed = True
+        if execution.task is not None:
             execution.task.cancel()
+        return True
 
     # -- one request -----------------------------------------------------------
 
@@ -357,6 +367,8 @@ class Veritech:
             return stream.result(body, queue_ms, run_ms)
 
         try:
+            if execution.killed:
+                raise asyncio.CancelledError
             body, started = await self._run(execution, received)
         except asyncio.CancelledError:
             if not execution.killed:
