@@ -20,9 +20,16 @@ SANDBOX_UID = 65534
 
 
 def python_roots() -> list[str]:
-    """Directories this Python and its packages live in (sys.prefix, src dirs)."""
+    """Directories this Python and its packages live in (sys.prefix, src dirs).
+
+    Not all of sys.path: its first entry is the script's directory or the
+    working directory, which may be /tmp (the bind would hide the sandbox's
+    private /tmp, and cyclone could not start) or / (the whole host file
+    system would be readable inside).
+    """
+    package_root = Path(__file__).resolve().parents[2]
     roots = {sys.prefix, sys.base_prefix, str(Path(sys.executable).resolve().parent)}
-    roots.update(p for p in sys.path if p and os.path.isdir(p))
+    roots.add(str(package_root))
     return sorted(roots)
 
 
