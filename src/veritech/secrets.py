@@ -120,12 +120,15 @@ class Redactor:
     def __init__(self, values: Iterable[str]) -> None:
         forms: set[str] = set()
         for value in values:
-            if value:
-                forms.add(value)
-                # The JSON-escaped form is what appears when user code logs
-                # an object holding the secret.
-                forms.add(json.dumps(value, ensure_ascii=False)[1:-1])
-                forms.add(json.dumps(value)[1:-1])
+            # Output is split into lines, so each line of a multi-line secret
+            # (a PEM key, say) is a secret of its own.
+            for part in {value, *value.splitlines()}:
+                if part:
+                    forms.add(part)
+                    # The JSON-escaped form is what appears when user code
+                    # logs an object holding the secret.
+                    forms.add(json.dumps(part, ensure_ascii=False)[1:-1])
+                    forms.add(json.dumps(part)[1:-1])
         self._forms = sorted(forms, key=len, reverse=True)
 
     def __bool__(self) -> bool:
