@@ -11,6 +11,7 @@ VeritechError
 ├── BackendError          a backend could not provide an instance
 │   └── ImageUnavailable  the requested image cannot be had
 ├── NatsServerError       the bundled nats-server did not start
+├── NatsUnavailable       veritech could not connect to NATS at startup
 └── ImageBuildError       building the cyclone image failed (image.py)
 """
 
@@ -70,3 +71,11 @@ class ImageUnavailable(BackendError):
 
 class NatsServerError(VeritechError):
     pass
+
+
+class NatsUnavailable(VeritechError):
+    def __init__(self, url: str, timeout_s: float, reason: str) -> None:
+        super().__init__(
+            f"cannot connect to NATS at {url} within {timeout_s:g}s: {reason}"
+        )
+        self.url = url

@@ -203,10 +203,36 @@ class Client:
 
 @contextlib.asynccontextmanager
 async def open_client(
-    nats_url: str, *, subject_prefix: str = "", **options: Any
+    nats_url: str,
+    *,
+    subject_prefix: str = "",
+    connect_timeout_s: float = 3.0,
+    **options: Any,
 ) -> AsyncIterator[Client]:
-    """Connect to NATS and yield a client; the connection closes after."""
-    nc = await nats.connect(nats_url, name="veritech client", allow_reconnect=True)
+    """Connect to NATS and yield a client; the connection closes after.
+
+    The first connection is given ``connect_timeout_s``; a NATS that cannot be
+    reached by then is a ClientError, raised (the library does not log).
+    """
+    last_error: list[BaseException] = []
+
+    async def remember(exc: Exception) -> None:
+        last_error.append(exc)
+
+    try:
+        async with asyncio.timeout(connect_timeout_s):
+            nc = await nats.connect(
+                nats_url,
+                name="veritech client",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                error_cb=remember,
+            )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        reason = last_error[-1] if last_error else exc
+        raise ClientError(
+            f"cannot connect to NATS at {nats_url}: {reason or type(reason).__name__}"
+        ) from exc
     try:
         yield Client(nc, subject_prefix=subject_prefix, **options)
     finally:

@@ -23,6 +23,12 @@ class DockerSettings:
     pids_limit: int = 128
     tmp_size_mb: int = 64
     keep_warm_s: float = 300.0
+    # V8 heap limit; None derives it from memory_mb (docs/docker.md).
+    heap_mb: int | None = None
+    watch_timeout_s: float = 10.0
+    pull_timeout_s: float = 300.0
+    # Where per-container socket directories live; None: a per-uid temp dir.
+    runtime_dir: str | None = None
 
 
 @dataclass(slots=True)
@@ -39,6 +45,7 @@ class VeritechConfig:
     # precise timeout fires first; this one only catches a wedged instance.
     timeout_grace_s: float = 2.0
     shutdown_grace_s: float = 10.0
+    nats_connect_timeout_s: float = 10.0
     output: OutputLimits = field(default_factory=OutputLimits)
     memory_mb: int = 256
     sandbox: bool = True

@@ -25,7 +25,13 @@ from nats.aio.subscription import Subscription
 
 from veritech import __version__
 from veritech.backends.base import Backend, Instance
-from veritech.errors import BackendError, ImageUnavailable, InvalidRequest, SecretError
+from veritech.errors import (
+    BackendError,
+    ImageUnavailable,
+    InvalidRequest,
+    NatsUnavailable,
+    SecretError,
+)
 from veritech.secrets import Redactor
 from veritech.server.config import VeritechConfig
 from veritech.server.pool import Pool
@@ -110,6 +116,7 @@ class Veritech:
         self._running: dict[str, Execution] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._housekeeping_task: asyncio.Task[None] | None = None
+        self._last_nats_error: Exception | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -120,16 +127,27 @@ class Veritech:
         # 2. Fill the pools ahead of demand.
         await self.pool.start()
 
-        # 3. Connect to NATS; reconnect forever, as the server may restart.
-        self._nc = await nats.connect(
-            self.config.nats_url,
-            name=f"veritech {self.id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=self._on_nats_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
+        # 3. Connect to NATS. Once connected, reconnect forever (the server may
+        #    restart); but a first connection that cannot be made in time is a
+        #    configuration error to report, not something to retry silently.
+        try:
+            async with asyncio.timeout(self.config.nats_connect_timeout_s):
+                self._nc = await nats.connect(
+                    self.config.nats_url,
+                    name=f"veritech {self.id}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._on_nats_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            reason = self._last_nats_error or exc
+            raise NatsUnavailable(
+                self.config.nats_url,
+                self.config.nats_connect_timeout_s,
+                str(reason) or type(reason).__name__,
+            ) from exc
 
         # 4. Only now take requests.
         nc = self._nc
@@ -205,6 +223,7 @@ class Veritech:
                 await self.pool.expire_idle()
 
     async def _on_nats_error(self, exc: Exception) -> None:
+        self._last_nats_error = exc
         logger.warning("nats: %s", exc)
 
     async def _on_disconnected(self) -> None:
@@ -516,7 +535,7 @@ class Veritech:
                         await instance.kill()
                         return stream.limit_result()
                 elif kind == "result":
-                    return result_from_frame(frame)
+                    return await self._explain(instance, result_from_frame(frame))
                 elif kind == "fail":
                     return failure_body(
                         ErrorKind.INTERNAL,
@@ -532,6 +551,18 @@ class Veritech:
         return await self._lost(
             instance, "the instance ended the session before a result"
         )
+
+    async def _explain(
+        self, instance: Instance, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """An internal failure cyclone reports may have a cause only the backend
+        sees: a container's memory limit kills the runner (the largest process)
+        while cyclone survives to report a lost runner."""
+        error = body.get("error")
+        if not isinstance(error, dict) or error.get("kind") != ErrorKind.INTERNAL:
+            return body
+        explained = await self._lost(instance, str(error.get("message", "")))
+        return body if explained["error"]["kind"] == ErrorKind.INTERNAL else explained
 
     async def _lost(self, instance: Instance, fallback: str) -> dict[str, Any]:
         reason = None
