@@ -79,6 +79,13 @@ class ImagePool:
         if self._closed:
             await instance.aclose()
             return
+        # Leave the starting set before handing over: a waiter that gets this
+        # instance refills the pool as soon as it runs, which is before this
+        # task's done callback would remove it, and it must not count this
+        # start as still pending (the pool would stay one short for good).
+        this = asyncio.current_task()
+        if this is not None:
+            self._starting.discard(this)
         self._hand_over(instance)
 
     def _hand_over(self, instance: Instance) -> None:
