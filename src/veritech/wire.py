@@ -19,6 +19,11 @@ from veritech.errors import InvalidRequest
 EXECUTION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 HANDLER_PATTERN = r"^[A-Za-z_$][A-Za-z0-9_$]{0,255}$"
 _EXECUTION_ID_RE = re.compile(EXECUTION_ID_PATTERN)
+# Deepest nesting of arrays and objects a request may hold. Deeper values
+# cannot be carried through every hop: pydantic refuses to serialize past 255
+# levels, and Python's JSON codec past its recursion limit (~1000, less the
+# caller's stack), so they are refused up front rather than lost halfway.
+MAX_NESTING = 200
 
 
 class Kind(StrEnum):
@@ -105,11 +110,36 @@ def decode_json(payload: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"payload is not valid UTF-8: {exc.reason}") from exc
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"payload is not JSON: {exc.msg}") from exc
     except RecursionError as exc:
         raise InvalidRequest("payload is nested too deeply") from exc
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python reads NaN and Infinity, which are not JSON: Deno's JSON.parse
+    # would refuse the request later, inside the runner.
+    raise InvalidRequest(f"payload is not JSON: {name} is not a JSON value")
+
+
+def nesting_depth(value: Any, stop_at: int = MAX_NESTING + 1) -> int:
+    """Levels of arrays/objects in ``value`` (iterative; stops at ``stop_at``)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest >= stop_at:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def parse_kind(token: str) -> Kind:
@@ -136,6 +166,11 @@ def parse_request(document: Any) -> Request:
     if not isinstance(document, dict):
         raise InvalidRequest(
             f"request must be a JSON object, not {type(document).__name__}"
+        )
+    if nesting_depth(document) > MAX_NESTING:
+        raise InvalidRequest(
+            f"request is nested more than {MAX_NESTING} levels deep",
+            salvage_execution_id(document),
         )
     try:
         return Request.model_validate(document)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from veritech.wire import now_rfc3339
+from veritech.wire import MAX_NESTING, nesting_depth, now_rfc3339
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +44,21 @@ def parse_runner_line(line: str, nonce: str) -> RunnerEvent:
     """Turn one stdout line of the runner into an event."""
     try:
         obj = json.loads(line)
-    except (json.JSONDecodeError, RecursionError):
+    except json.JSONDecodeError:
+        obj = None
+    except RecursionError:
+        # Only the runner can start a line with the nonce: this is its
+        # result, too deep for Python to read.
+        if line.startswith('{"nonce":' + json.dumps(nonce)):
+            return _too_deep()
         obj = None
     if not isinstance(obj, dict) or obj.get("nonce") != nonce:
         return Output("stdout", "info", line, now_rfc3339())
 
     kind = obj.get("type")
     if kind == "return":
+        if nesting_depth(obj.get("value")) > MAX_NESTING:
+            return _too_deep()
         return Returned(obj.get("value"))
     if kind == "throw":
         return Threw(str(obj.get("name", "Error")), str(obj.get("message", "")))
@@ -81,6 +89,14 @@ def split_runner_line(line: str, nonce: str) -> list[RunnerEvent]:
         Output("stdout", "info", line[:start], now_rfc3339()),
         parse_runner_line(line[start:], nonce),
     ]
+
+
+def _too_deep() -> Threw:
+    # Deeper values could not be carried by every hop to the client.
+    return Threw(
+        "UnserializableReturn",
+        f"the returned value is nested more than {MAX_NESTING} levels deep",
+    )
 
 
 def stderr_output(line: str) -> Output:

@@ -77,7 +77,17 @@ function output(stream: string, level: string, args: unknown[]): void {
 function finish(type: "return" | "throw", body: Record<string, unknown>): never {
   if (!settled) {
     settled = true;
-    emit(type, body);
+    try {
+      emit(type, body);
+    } catch (error) {
+      // The value could be serialized once but not written (a stack
+      // overflow on a very deep value): report that rather than nothing.
+      const failure = objectCreate(null);
+      failure.name = "UnserializableReturn";
+      failure.message = "the returned value cannot be written: " +
+        errorMessage(error);
+      emit("throw", failure);
+    }
   }
   exit(0);
 }
