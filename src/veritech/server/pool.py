@@ -54,7 +54,13 @@ class ImagePool:
         if self._closed:
             return
         wanted = max(self.size, len(self._waiters))
-        while len(self._ready) + len(self._starting) < wanted:
+        # At most `size` starts at a time: a burst of 200 waiters must not
+        # start 200 instances at once; the host would thrash and their starts
+        # would outlast cyclone's watch timeout. Each finished start refills.
+        while (
+            len(self._ready) + len(self._starting) < wanted
+            and len(self._starting) < self.size
+        ):
             task = asyncio.create_task(self._start_one())
             self._starting.add(task)
             task.add_done_callback(self._starting.discard)
