@@ -389,6 +389,10 @@ def _run_client(go: Callable[[], Coroutine[Any, Any, int]]) -> int:
     help="Private key to open sealed secrets (see `veritech keygen`).",
 )
 @click.option(
+    "--instance-id",
+    help="This veritech's id (labels its containers). Default: host name + random.",
+)
+@click.option(
     "-v", "--verbose", count=True, help="-v: lifecycle (default), -vv: debug."
 )
 def serve(
@@ -408,6 +412,7 @@ def serve(
     docker_pids_limit: int,
     no_sandbox: bool,
     key_file: Path | None,
+    instance_id: str | None,
     verbose: int,
 ) -> None:
     """Serve function requests until SIGTERM or Ctrl-C."""
@@ -451,6 +456,8 @@ def serve(
                     pids_limit=docker_pids_limit,
                 ),
             )
+            if instance_id:
+                config.instance_id = instance_id
             async with open_veritech(config):
                 await stop.wait()
 

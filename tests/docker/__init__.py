@@ -1,0 +1,1 @@
+"""Tests of the docker backend against a real Docker engine."""
