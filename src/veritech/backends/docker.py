@@ -112,6 +112,15 @@ def process_alive(key: str) -> bool:
     pid_text, _, start = rest.partition(":")
     if boot != _boot_id() or not pid_text.isdigit():
         return False
+    if start == "None":
+        # No /proc to read start times from: fall back to "the pid exists".
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
     return _start_time(int(pid_text)) == start
 
 
@@ -416,16 +425,18 @@ class DockerBackend(Backend):
         # 2. Socket directories of the same dead owners.
         dirs = 0
         for directory in self._root.iterdir():
-            owner_file = directory / OWNER_FILE
             try:
-                key = owner_file.read_text().strip()
+                key = (directory / OWNER_FILE).read_text().strip()
             except OSError:
-                age = time.time() - directory.lstat().st_mtime
-                if age < UNOWNED_GRACE_S:
-                    continue
                 key = ""
             if key and process_alive(key):
                 continue
+            # Another veritech may be sweeping (or creating) it right now.
+            with contextlib.suppress(OSError):
+                if not key and time.time() - directory.lstat().st_mtime < (
+                    UNOWNED_GRACE_S
+                ):
+                    continue
             shutil.rmtree(directory, ignore_errors=True)
             dirs += 1
         if removed or dirs:
