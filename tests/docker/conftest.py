@@ -34,7 +34,7 @@ from veritech.server.server import Veritech, open_veritech
 IMAGE = default_image_ref()
 
 
-def _must_not_skip() -> bool:
+def must_not_skip() -> bool:
     return os.environ.get("CI") == "true" or os.environ.get("VERITECH_DOCKER") == "1"
 
 
@@ -87,7 +87,7 @@ def docker_engine() -> None:
     why = _why_unavailable()
     if why is None:
         return
-    if _must_not_skip():
+    if must_not_skip():
         pytest.fail(f"docker tests cannot run: {why} (CI/VERITECH_DOCKER demand them)")
     pytest.skip(f"docker tests skipped: {why}")
 

@@ -15,7 +15,13 @@ import pytest
 
 from veritech.client import Client, make_request
 
-from .conftest import IMAGE, StartDockerVeritech, adocker, image_present
+from .conftest import (
+    IMAGE,
+    StartDockerVeritech,
+    adocker,
+    image_present,
+    must_not_skip,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -41,7 +47,10 @@ def _answers(url: str) -> bool:
 def registry(tmp_path: Path) -> Iterator[str]:
     """A docker-registry on 127.0.0.1:<free port>, storage in tmp_path."""
     if shutil.which(REGISTRY_BIN) is None:
-        pytest.skip(f"{REGISTRY_BIN} is not installed (Debian's docker-registry)")
+        why = f"{REGISTRY_BIN} is not installed (Debian's docker-registry)"
+        if must_not_skip():
+            pytest.fail(why)
+        pytest.skip(why)
     port = free_port()
     config = tmp_path / "registry.yml"
     config.write_text(
