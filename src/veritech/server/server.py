@@ -520,6 +520,13 @@ class Veritech:
 
             # 2. Relay frames until the result.
             async for message in ws:
+                # The protocol has JSON text frames only: a binary frame, or
+                # one aiohttp rejects (bad UTF-8, reserved opcode: ERROR), is
+                # the instance's fault, not a session that merely ended.
+                if message.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.ERROR):
+                    return failure_body(
+                        ErrorKind.INTERNAL, "the instance sent a malformed frame"
+                    )
                 if message.type != aiohttp.WSMsgType.TEXT:
                     break
                 frame = _decode_frame(message.data)
