@@ -209,9 +209,11 @@ async function main(): Promise<void> {
     ? "application/typescript"
     : "application/javascript";
   // Exporting the handler under a private alias accepts both `export function
-  // main` and a plain top-level `function main`.
-  const source = request.code + "\nexport { " + request.handler +
-    " as __veritech_entry__ };\n";
+  // main` and a plain top-level `function main`. The export goes first, on the
+  // code's own first line, so that an unclosed bracket in the code cannot
+  // swallow it and error positions keep the code's line numbers.
+  const source = "export { " + request.handler + " as __veritech_entry__ }; " +
+    request.code + "\n";
   let entry: unknown;
   try {
     const module = await import(
