@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from conftest import StartVeritech, wait_until
 from veritech.client import make_request
 
-EXECUTIONS = int(os.environ.get("VERITECH_SOAK_EXECUTIONS", "400"))
+EXECUTIONS = int(os.environ.get("VERITECH_SOAK_EXECUTIONS", "300"))
 WARM_UP = 40
 CLIENTS = 4
 IN_FLIGHT_PER_CLIENT = 3
@@ -167,9 +167,7 @@ async def test_soak_every_execution_gets_exactly_one_result_and_nothing_leaks(
         assert messages[-1]["type"] == "result"
         assert messages[-1]["status"] == "success", messages[-1]
         assert messages[-1]["data"] == 2 * n
-        assert [m["message"] for m in messages if m["type"] == "output"] == [
-            f"n = {n}"
-        ]
+        assert [m["message"] for m in messages if m["type"] == "output"] == [f"n = {n}"]
 
     print(
         f"\nsoak: {EXECUTIONS} executions from {CLIENTS} clients "
