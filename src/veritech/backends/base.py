@@ -126,6 +126,17 @@ class Backend(ABC):
     def default_image(self) -> str:
         return "local"
 
+    def image_for(self, image: str | None, tag: str | None) -> str:
+        """The image reference for a request's container_image/container_tag.
+
+        A reference that already carries a tag ignores ``tag``.
+        """
+        if image is None:
+            return self.default_image()
+        if tag is None or ":" in image.rsplit("/", 1)[-1]:
+            return image
+        return f"{image}:{tag}"
+
     @abstractmethod
     async def start_instance(self, image: str) -> Instance:
         """Start one instance and return it once it is ready."""

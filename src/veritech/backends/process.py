@@ -106,6 +106,11 @@ class ProcessBackend(Backend):
         self._counter = itertools.count()
         self._instances: set[ProcessInstance] = set()
 
+    def image_for(self, image: str | None, tag: str | None) -> str:
+        # Local processes have no images: every request shares the one pool,
+        # whatever container_image it names.
+        return self.default_image()
+
     @property
     def sandboxed(self) -> bool:
         return self._bwrap is not None

@@ -56,6 +56,9 @@ KILL_SUBJECT = "veritech.control.kill"
 STATUS_SUBJECT = "veritech.control.status"
 
 
+SHUTDOWN_REASON = "veritech shut down before the execution finished"
+
+
 class State(Enum):
     NEW = "new"
     SERVING = "serving"
@@ -63,8 +66,13 @@ class State(Enum):
     CLOSED = "closed"
 
 
-class Killed(Exception):
-    """Raised into an execution's task by a kill request."""
+# A request goes to a second instance only if the first died before it was
+# handed the request; never after, so no execution runs twice.
+INSTANCE_ATTEMPTS = 2
+
+
+class InstanceUnusable(Exception):
+    """The instance failed before it received the request."""
 
 
 @dataclass(slots=True)
@@ -78,6 +86,7 @@ class Execution:
     task: asyncio.Task[dict[str, Any]] | None = None
     instance: Instance | None = None
     killed: bool = False
+    kill_reason: str = "the execution was killed on request"
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -99,6 +108,10 @@ def make_backend(config: VeritechConfig) -> Backend:
     raise ValueError(f"unknown backend {config.backend!r}: expected process or docker")
 
 
+def backend_image(backend: Backend, image: str) -> str:
+    return backend.image_for(image, None)
+
+
 class Veritech:
     def __init__(self, config: VeritechConfig, backend: Backend | None = None) -> None:
         self.config = config
@@ -107,7 +120,7 @@ class Veritech:
         self.pool = Pool(
             self.backend,
             config.pool_size,
-            config.images or None,
+            [backend_image(self.backend, image) for image in config.images] or None,
             keep_warm_s=config.docker.keep_warm_s,
         )
         self.state = State.NEW
@@ -192,7 +205,7 @@ class Veritech:
                 running, timeout=self.config.shutdown_grace_s
             )
             for execution in list(self._running.values()):
-                self._kill(execution)
+                self._kill(execution, SHUTDOWN_REASON)
             await asyncio.gather(*pending, return_exceptions=True)
         if self._housekeeping_task is not None:
             self._housekeeping_task.cancel()
@@ -272,7 +285,9 @@ class Veritech:
                     msg.reply, {"execution_id": execution_id, "killed": True}
                 )
 
-    def _kill(self, execution: Execution) -> bool:
+    def _kill(
+        self, execution: Execution, reason: str = "the execution was killed on request"
+    ) -> bool:
         """Stop the execution; False when it has already ended.
 
         A kill that arrives before the execution's task exists (while
@@ -284,6 +299,7 @@ class Veritech:
         ):
             return False
         execution.killed = True
+        execution.kill_reason = reason
         if execution.task is not None:
             execution.task.cancel()
         return True
@@ -353,7 +369,7 @@ class Veritech:
 
     async def _settle(self, execution: Execution) -> dict[str, Any]:
         assert execution.task is not None
-        self._kill(execution)
+        self._kill(execution, SHUTDOWN_REASON)
         with contextlib.suppress(BaseException):
             return await execution.task
         body = failure_body(ErrorKind.INTERNAL, "veritech stopped during the execution")
@@ -392,7 +408,7 @@ class Veritech:
         except asyncio.CancelledError:
             if not execution.killed:
                 raise
-            body = failure_body(ErrorKind.KILLED, "the execution was killed on request")
+            body = failure_body(ErrorKind.KILLED, execution.kill_reason)
         except Exception:
             logger.exception(
                 "execution %s: unexpected error", execution.request.execution_id
@@ -420,46 +436,53 @@ class Veritech:
         if secret_values:
             execution.stream.redact(Redactor(secret_values.values()))
 
-        # 2. Wait for a ready instance, within the execution's timeout.
         timeout_ms = self.config.effective_timeout_ms(request.timeout_ms)
         image = self._image_of(request)
-        remaining = timeout_ms / 1000 - (time.monotonic() - received)
-        try:
-            async with asyncio.timeout(max(remaining, 0.001)):
-                instance = await self.pool.acquire(image)
-        except TimeoutError:
-            return failure_body(
-                ErrorKind.CAPACITY,
-                f"no instance became free within the timeout of {timeout_ms} ms "
-                f"(pool size {self.config.pool_size})",
-            ), None
-        except ImageUnavailable as exc:
-            return failure_body(ErrorKind.IMAGE_UNAVAILABLE, str(exc)), None
-        except BackendError as exc:
-            return failure_body(ErrorKind.INTERNAL, f"no instance: {exc}"), None
-        started = time.monotonic()
-        execution.instance = instance
+        for attempt in range(1, INSTANCE_ATTEMPTS + 1):
+            # 2. Wait for a ready instance, within the execution's timeout.
+            remaining = timeout_ms / 1000 - (time.monotonic() - received)
+            try:
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    instance = await self.pool.acquire(image)
+            except TimeoutError:
+                return failure_body(
+                    ErrorKind.CAPACITY,
+                    f"no instance became free within the timeout of {timeout_ms} "
+                    f"ms (pool size {self.config.pool_size})",
+                ), None
+            except ImageUnavailable as exc:
+                return failure_body(ErrorKind.IMAGE_UNAVAILABLE, str(exc)), None
+            except BackendError as exc:
+                return failure_body(ErrorKind.INTERNAL, f"no instance: {exc}"), None
+            started = time.monotonic()
+            execution.instance = instance
 
-        # 3. Run it; the instance is discarded afterwards whatever happened.
-        try:
-            body = await self._run_on(instance, execution, timeout_ms, secret_values)
-        finally:
-            self._spawn(instance.aclose())
-        return body, started
+            # 3. Run it; the instance is discarded afterwards whatever happened.
+            #    An instance that died between ready and use never saw the
+            #    request, so the request may safely go to another one.
+            try:
+                body = await self._run_on(
+                    instance, execution, timeout_ms, secret_values
+                )
+            except InstanceUnusable as exc:
+                if attempt == INSTANCE_ATTEMPTS:
+                    return await self._lost(instance, str(exc)), started
+                logger.warning(
+                    "execution %s: instance %s unusable (%s); taking another",
+                    request.execution_id,
+                    instance.id,
+                    exc,
+                )
+                continue
+            finally:
+                self._spawn(instance.aclose())
+            return body, started
+        raise AssertionError("unreachable: the last attempt returns")
 
     def _image_of(self, request: Request) -> str:
-        if request.container_image is None:
-            return (
-                self.config.images[0]
-                if self.config.images
-                else self.backend.default_image()
-            )
-        if (
-            request.container_tag is None
-            or ":" in request.container_image.rsplit("/", 1)[-1]
-        ):
-            return request.container_image
-        return f"{request.container_image}:{request.container_tag}"
+        if request.container_image is None and self.config.images:
+            return self.backend.image_for(self.config.images[0], None)
+        return self.backend.image_for(request.container_image, request.container_tag)
 
     def _open_secrets(self, request: Request) -> dict[str, str]:
         if not request.secrets:
@@ -500,16 +523,18 @@ class Veritech:
         secret_values: dict[str, str],
     ) -> dict[str, Any]:
         stream = execution.stream
-        async with await instance.connection.open_execution(execution.kind.value) as ws:
+        try:
+            ws = await instance.connection.open_execution(execution.kind.value)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise InstanceUnusable(f"the instance could not be reached: {exc}") from exc
+        async with ws:
             # 1. cyclone greets with start; then it gets the request.
             first = await ws.receive()
             if (
                 first.type != aiohttp.WSMsgType.TEXT
                 or _frame_type(first.data) != "start"
             ):
-                return await self._lost(
-                    instance, "the instance did not start the session"
-                )
+                raise InstanceUnusable("the instance did not start the session")
             payload = execution.request.model_dump(mode="json", exclude={"secrets"})
             payload.update(
                 kind=execution.kind.value,
