@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +45,17 @@ def default_runtime_root() -> Path:
 
 class ProcessInstance(Instance):
     def __init__(
-        self, instance_id: str, directory: Path, process: asyncio.subprocess.Process
+        self,
+        instance_id: str,
+        directory: Path,
+        process: asyncio.subprocess.Process,
+        on_close: Callable[[ProcessInstance], None] | None = None,
     ) -> None:
         super().__init__(instance_id, "local", directory / "cyclone.sock")
         self.directory = directory
         self._process = process
         self._stderr = directory / "stderr.log"
+        self._on_close = on_close
 
     @property
     def alive(self) -> bool:
@@ -81,6 +87,10 @@ class ProcessInstance(Instance):
             await self._process.wait()
 
     async def aclose(self) -> None:
+        # The backend forgets it first: the server closes spent instances
+        # itself, and a backend that kept them would grow with every execution.
+        if self._on_close is not None:
+            self._on_close(self)
         await self.connection.aclose()
         await self.kill()
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -181,7 +191,9 @@ class ProcessBackend(Backend):
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
             )
         (directory / PID_FILE).write_text(str(process.pid))
-        instance = ProcessInstance(instance_id, directory, process)
+        instance = ProcessInstance(
+            instance_id, directory, process, on_close=self._instances.discard
+        )
         self._instances.add(instance)
 
         # 3. Hand it over only once its runner is loaded and waiting.
