@@ -35,8 +35,8 @@ IN_FLIGHT_PER_CLIENT = 3
 POOL_SIZE = 4
 # veritech's RSS may grow by a fixed slack (CPython keeps freed arenas, the
 # collected replies live in this process too) plus a little per execution.
-# Keeping every spent instance (about 22 KiB each: its aiohttp session and
-# subprocess transport) failed this bound at 200 executions.
+# A backend that kept every spent instance (its aiohttp session, subprocess
+# transport) grew by about 22 KiB per execution, far past this bound.
 RSS_SLACK_KIB = 3 * 1024
 RSS_PER_EXECUTION_KIB = 2
 FD_GROWTH_LIMIT = 16
