@@ -67,6 +67,7 @@ class Instance(ABC):
     def __init__(self, instance_id: str, image: str, socket_path: Path) -> None:
         self.id = instance_id
         self.image = image
+        self.executions = 0
         self.connection = InstanceConnection(socket_path)
 
     @property
@@ -74,8 +75,14 @@ class Instance(ABC):
     def alive(self) -> bool:
         """Whether the instance's process or container still runs."""
 
-    async def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Poll /readiness until 200; BackendError if it dies or times out."""
+    async def wait_ready(
+        self, timeout_s: float = READY_TIMEOUT_S, *, reopen_watch: bool = True
+    ) -> None:
+        """Poll /readiness until 200; BackendError if it dies or times out.
+
+        The first time, the /watch session is opened too; a reused instance
+        keeps the one it has (``reopen_watch=False``).
+        """
         from veritech.errors import BackendError
 
         try:
@@ -91,7 +98,8 @@ class Instance(ABC):
             raise BackendError(
                 f"instance {self.id} was not ready within {timeout_s:.0f}s"
             ) from None
-        await self.connection.open_watch()
+        if reopen_watch:
+            await self.connection.open_watch()
 
     async def describe_failure(self) -> str:
         """Human-readable last words of an instance that failed to start."""
@@ -112,6 +120,10 @@ class Instance(ABC):
 
 class Backend(ABC):
     name: str
+    # Single use (the default): cyclone serves one execution and exits. Off,
+    # cyclone starts a fresh runner after each execution and the pool may lend
+    # the instance again (VeritechConfig.executions_per_instance).
+    single_use: bool = True
 
     @abstractmethod
     async def start(self) -> None:

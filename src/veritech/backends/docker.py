@@ -141,6 +141,7 @@ def container_config(
     labels: dict[str, str],
     socket_dir: Path,
     heartbeat_interval_s: float,
+    single_use: bool = True,
 ) -> dict[str, Any]:
     """The create body (Engine API 1.41) of one sandboxed cyclone container."""
     memory = settings.memory_mb * 1024 * 1024
@@ -149,7 +150,7 @@ def container_config(
         f"{CONTAINER_SOCKET_DIR}/{SOCKET_NAME}",
         "--socket-mode",
         "666",
-        "--oneshot",
+        *(["--oneshot"] if single_use else []),
         "--watch-timeout",
         str(settings.watch_timeout_s),
         "--heartbeat-interval",
@@ -509,7 +510,12 @@ class DockerBackend(Backend):
 
         # 2. Create and start the container.
         config = container_config(
-            image, self._settings, self.labels, socket_dir, self._heartbeat_interval_s
+            image,
+            self._settings,
+            self.labels,
+            socket_dir,
+            self._heartbeat_interval_s,
+            self.single_use,
         )
         try:
             container = await self.docker.containers.create(config, name=name)

@@ -163,7 +163,7 @@ class ProcessBackend(Backend):
             "serve",
             "--bind-uds",
             str(socket_path),
-            "--oneshot",
+            *(["--oneshot"] if self.single_use else []),
             "--watch-timeout",
             str(self._limits.watch_timeout_s),
             "--heartbeat-interval",

@@ -334,6 +334,13 @@ def _run_client(go: Callable[[], Coroutine[Any, Any, int]]) -> int:
     help="Ready instances kept per image.",
 )
 @click.option(
+    "--executions-per-instance",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Executions one instance serves before it is thrown away (1: single use).",
+)
+@click.option(
     "--image",
     "images",
     multiple=True,
@@ -400,6 +407,7 @@ def serve(
     subject_prefix: str,
     backend: str,
     pool_size: int,
+    executions_per_instance: int,
     images: tuple[str, ...],
     default_timeout_ms: int,
     max_timeout_ms: int,
@@ -442,6 +450,7 @@ def serve(
                 subject_prefix=subject_prefix,
                 backend=backend,
                 pool_size=pool_size,
+                executions_per_instance=executions_per_instance,
                 images=list(images),
                 default_timeout_ms=default_timeout_ms,
                 max_timeout_ms=max_timeout_ms,

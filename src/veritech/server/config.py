@@ -37,6 +37,10 @@ class VeritechConfig:
     subject_prefix: str = ""
     backend: str = "process"
     pool_size: int = 4
+    # 1 = single use: each instance serves one execution and is thrown away.
+    # More lets an instance (its cyclone, sandbox or container) serve that many
+    # executions, each still in a fresh runner process; see docs/security.md.
+    executions_per_instance: int = 1
     images: list[str] = field(default_factory=list)
     default_timeout_ms: int = 30_000
     max_timeout_ms: int = 300_000

@@ -24,6 +24,9 @@ logger = logging.getLogger("veritech.pool")
 # broken backend is not hammered while requests wait for their deadlines.
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 5.0
+# A reused instance starts a fresh runner after each execution; one that is
+# not ready again within this long is discarded instead.
+REUSE_READY_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,12 +34,20 @@ class PoolStatus:
     ready: int
     size: int
     starting: int
+    started: int
 
 
 class ImagePool:
-    def __init__(self, backend: Backend, image: str, size: int) -> None:
+    def __init__(
+        self, backend: Backend, image: str, size: int, executions_per_instance: int = 1
+    ) -> None:
         self.image = image
         self.size = size
+        self.executions_per_instance = executions_per_instance
+        # Instances lent out that may come back (reuse); they count toward
+        # size so the pool does not start replacements for them.
+        self._lent: set[Instance] = set()
+        self._started = 0
         self.last_used = time.monotonic()
         self._backend = backend
         self._ready: deque[Instance] = deque()
@@ -47,7 +58,13 @@ class ImagePool:
         self.last_error: BaseException | None = None
 
     def status(self) -> PoolStatus:
-        return PoolStatus(len(self._ready), self.size, len(self._starting))
+        return PoolStatus(
+            len(self._ready), self.size, len(self._starting), self._started
+        )
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def fill(self) -> None:
         """Start instances until ready + starting covers size and waiters."""
@@ -58,7 +75,7 @@ class ImagePool:
         # start 200 instances at once; the host would thrash and their starts
         # would outlast cyclone's watch timeout. Each finished start refills.
         while (
-            len(self._ready) + len(self._starting) < wanted
+            len(self._ready) + len(self._starting) + len(self._lent) < wanted
             and len(self._starting) < self.size
         ):
             task = asyncio.create_task(self._start_one())
@@ -81,6 +98,7 @@ class ImagePool:
             asyncio.get_running_loop().call_soon(self.fill)
             return
         self._retry_s = 0.0
+        self._started += 1
         self.last_error = None
         if self._closed:
             await instance.aclose()
@@ -104,6 +122,29 @@ class ImagePool:
 
     async def acquire(self) -> Instance:
         """A ready instance; waits (cancellable) while none is."""
+        instance = await self._acquire()
+        instance.executions += 1
+        if instance.executions < self.executions_per_instance:
+            self._lent.add(instance)
+        return instance
+
+    async def release(self, instance: Instance, reusable: bool) -> None:
+        """Take back an instance after its execution: keep it or discard it."""
+        if instance in self._lent:
+            # A reusable instance comes back once cyclone has a fresh runner
+            # waiting; until then it still counts toward the pool's size.
+            if reusable and not self._closed and instance.alive:
+                with contextlib.suppress(Exception):
+                    await instance.wait_ready(REUSE_READY_TIMEOUT_S, reopen_watch=False)
+                    if not self._closed:
+                        self._lent.discard(instance)
+                        self._hand_over(instance)
+                        return
+            self._lent.discard(instance)
+        await instance.aclose()
+        self.fill()
+
+    async def _acquire(self) -> Instance:
         self.last_used = time.monotonic()
         while self._ready:
             instance = self._ready.popleft()
@@ -149,10 +190,13 @@ class Pool:
         images: list[str] | None = None,
         *,
         keep_warm_s: float = 300.0,
+        executions_per_instance: int = 1,
     ) -> None:
         self.backend = backend
         self.size = size
         self.keep_warm_s = keep_warm_s
+        self.executions_per_instance = executions_per_instance
+        backend.single_use = executions_per_instance <= 1
         self._configured = set(images or [backend.default_image()])
         self._pools: dict[str, ImagePool] = {}
         self._prepare_lock = asyncio.Lock()
@@ -160,7 +204,7 @@ class Pool:
     async def start(self) -> None:
         for image in sorted(self._configured):
             await self.backend.prepare_image(image)
-            self._pools[image] = ImagePool(self.backend, image, self.size)
+            self._pools[image] = self._new_pool(image)
             self._pools[image].fill()
 
     async def acquire(self, image: str) -> Instance:
@@ -171,10 +215,19 @@ class Pool:
                 pool = self._pools.get(image)
                 if pool is None:
                     await self.backend.prepare_image(image)
-                    pool = self._pools[image] = ImagePool(
-                        self.backend, image, self.size
-                    )
+                    pool = self._pools[image] = self._new_pool(image)
         return await pool.acquire()
+
+    def _new_pool(self, image: str) -> ImagePool:
+        return ImagePool(self.backend, image, self.size, self.executions_per_instance)
+
+    async def release(self, instance: Instance, reusable: bool) -> None:
+        """Give an instance back after its execution (see ImagePool.release)."""
+        pool = self._pools.get(instance.image)
+        if pool is None:
+            await instance.aclose()
+            return
+        await pool.release(instance, reusable)
 
     def status(self) -> dict[str, PoolStatus]:
         return {image: pool.status() for image, pool in self._pools.items()}
@@ -191,7 +244,7 @@ class Pool:
         for image, pool in list(self._pools.items()):
             if image in self._configured:
                 continue
-            if now - pool.last_used > self.keep_warm_s and not pool._waiters:
+            if now - pool.last_used > self.keep_warm_s and not pool.waiting:
                 del self._pools[image]
                 await pool.aclose()
 

@@ -122,6 +122,7 @@ class Veritech:
             config.pool_size,
             [backend_image(self.backend, image) for image in config.images] or None,
             keep_warm_s=config.docker.keep_warm_s,
+            executions_per_instance=config.executions_per_instance,
         )
         self.state = State.NEW
         self._nc: NATS | None = None
@@ -259,7 +260,12 @@ class Veritech:
             "backend": self.backend.name,
             "running": len(self._running),
             "pool": {
-                image: {"ready": s.ready, "size": s.size, "starting": s.starting}
+                image: {
+                    "ready": s.ready,
+                    "size": s.size,
+                    "starting": s.starting,
+                    "started": s.started,
+                }
                 for image, s in self.pool.status().items()
             },
             "version": __version__,
@@ -457,13 +463,16 @@ class Veritech:
             started = time.monotonic()
             execution.instance = instance
 
-            # 3. Run it; the instance is discarded afterwards whatever happened.
-            #    An instance that died between ready and use never saw the
-            #    request, so the request may safely go to another one.
+            # 3. Run it, then give the instance back: single use discards it,
+            #    reuse keeps it if the execution ended cleanly. An instance
+            #    that died between ready and use never saw the request, so
+            #    the request may safely go to another one.
+            reusable = False
             try:
                 body = await self._run_on(
                     instance, execution, timeout_ms, secret_values
                 )
+                reusable = not execution.killed and _leaves_instance_clean(body)
             except InstanceUnusable as exc:
                 if attempt == INSTANCE_ATTEMPTS:
                     return await self._lost(instance, str(exc)), started
@@ -475,7 +484,7 @@ class Veritech:
                 )
                 continue
             finally:
-                self._spawn(instance.aclose())
+                self._spawn(self.pool.release(instance, reusable))
             return body, started
         raise AssertionError("unreachable: the last attempt returns")
 
@@ -626,6 +635,22 @@ class Veritech:
             logger.error(
                 "publish to %s failed (%s): %d bytes lost", subject, exc, len(data)
             )
+
+
+def _leaves_instance_clean(body: dict[str, Any]) -> bool:
+    """Whether an instance may serve again after an execution with this result.
+
+    Only outcomes that cyclone itself reported after a normal session qualify;
+    anything that hints at a damaged instance discards it.
+    """
+    if body.get("status") == "success":
+        return True
+    kind = (body.get("error") or {}).get("kind")
+    return kind in (
+        ErrorKind.USER_CODE_EXCEPTION.value,
+        ErrorKind.INVALID_RETURN_TYPE.value,
+        ErrorKind.TIMEOUT.value,
+    )
 
 
 def _frame_type(data: str) -> Any:
