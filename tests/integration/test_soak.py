@@ -18,7 +18,7 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nats
 import pytest
@@ -55,17 +55,28 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+class Reply(NamedTuple):
+    """What the checks need of one reply message (kept small: this process's
+    RSS is measured, and the replies of every execution are kept)."""
+
+    type: str
+    seq: int
+    value: Any  # an output's message, a result's status and data
+
+
 class Collector:
     """Every reply message of every execution, by execution_id, as received."""
 
     def __init__(self) -> None:
-        self.messages: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.messages: dict[str, list[Reply]] = defaultdict(list)
         self.results = 0
         self._done: dict[str, asyncio.Future[None]] = {}
 
     async def on_message(self, msg: Msg) -> None:
         message = json.loads(msg.data)
-        self.messages[message["execution_id"]].append(message)
+        value = (message.get("status"), message.get("data"), message.get("message"))
+        reply = Reply(message["type"], message["seq"], value)
+        self.messages[message["execution_id"]].append(reply)
         if message["type"] == "result":
             self.results += 1
             done = self._done.get(message["execution_id"])
@@ -160,16 +171,15 @@ async def test_soak_every_execution_gets_exactly_one_result_and_nothing_leaks(
     duplicates = 0
     for n, execution_id in enumerate(ids):
         messages = collector.messages.get(execution_id, [])
-        results = [m for m in messages if m["type"] == "result"]
+        results = [m for m in messages if m.type == "result"]
         duplicates += max(len(results) - 1, 0)
         if not messages:
             continue
-        assert [m["seq"] for m in messages] == list(range(len(messages)))
-        assert messages[0]["type"] == "accepted"
-        assert messages[-1]["type"] == "result"
-        assert messages[-1]["status"] == "success", messages[-1]
-        assert messages[-1]["data"] == 2 * n
-        assert [m["message"] for m in messages if m["type"] == "output"] == [f"n = {n}"]
+        assert [m.seq for m in messages] == list(range(len(messages)))
+        assert messages[0].type == "accepted"
+        assert messages[-1].type == "result"
+        assert messages[-1].value[:2] == ("success", 2 * n), messages[-1]
+        assert [m.value[2] for m in messages if m.type == "output"] == [f"n = {n}"]
 
     print(
         f"\nsoak: {EXECUTIONS} executions from {CLIENTS} clients "
