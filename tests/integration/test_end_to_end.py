@@ -1,4 +1,4 @@
-"""The main job through the whole stack: client -> NATS -> veritech -> cyclone -> Deno."""
+"""The main job through the whole stack: client, NATS, veritech, cyclone, Deno."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from veritech.server.server import Veritech
 async def test_resolver_output_and_result_arrive_in_order(
     veritech: Veritech, client: Client
 ) -> None:
-    code = "function main(a) { console.log('got', a); console.warn('careful'); return a.x * 2 }"
+    code = (
+        "function main(a) { console.log('got', a); console.warn('careful');"
+        " return a.x * 2 }"
+    )
     request = make_request(code, args={"x": 21})
 
     messages = [m async for m in client.execute("resolver", request)]

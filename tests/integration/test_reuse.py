@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from conftest import StartVeritech, wait_until
-
 from veritech.client import Client, make_request
 
 
@@ -28,7 +27,10 @@ async def test_reused_instance_serves_several_executions_each_in_a_fresh_runner(
     server = await start_veritech(pool_size=1, executions_per_instance=3)
     # Each execution sets a global and reports what the runner held before:
     # a fresh runner per execution means nothing carries over.
-    code = "function main() { const seen = globalThis.mark ?? null; globalThis.mark = 1; return seen }"
+    code = (
+        "function main() { const seen = globalThis.mark ?? null;"
+        " globalThis.mark = 1; return seen }"
+    )
 
     results = [await client.run("resolver", make_request(code)) for _ in range(6)]
 
