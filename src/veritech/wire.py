@@ -7,6 +7,7 @@ request can still be answered with a ``result`` of kind ``invalid_request``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -110,11 +111,21 @@ def decode_json(payload: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"payload is not valid UTF-8: {exc.reason}") from exc
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(
+            text, parse_constant=_refuse_constant, parse_float=_finite_float
+        )
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"payload is not JSON: {exc.msg}") from exc
     except RecursionError as exc:
         raise InvalidRequest("payload is nested too deeply") from exc
+
+
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON, but Python reads it as infinity, which is not.
+    value = float(text)
+    if math.isinf(value):
+        raise InvalidRequest(f"payload is not JSON: {text} is out of range")
+    return value
 
 
 def _refuse_constant(name: str) -> Any:
@@ -161,11 +172,26 @@ def salvage_execution_id(document: Any) -> str:
     return ""
 
 
+def json_type_name(value: Any) -> str:
+    """The JSON name of a decoded value's type (null, boolean, number...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
 def parse_request(document: Any) -> Request:
     """Validate a decoded request object; InvalidRequest says what is wrong."""
     if not isinstance(document, dict):
         raise InvalidRequest(
-            f"request must be a JSON object, not {type(document).__name__}"
+            f"request must be a JSON object, not {json_type_name(document)}"
         )
     if nesting_depth(document) > MAX_NESTING:
         raise InvalidRequest(

@@ -67,9 +67,9 @@ def test_decode_json_refuses(payload: bytes, message: str) -> None:
 @pytest.mark.parametrize(
     ("document", "message"),
     [
-        ([1, 2], "request must be a JSON object, not list"),
-        ("text", "request must be a JSON object, not str"),
-        (None, "request must be a JSON object, not NoneType"),
+        ([1, 2], "request must be a JSON object, not array"),
+        ("text", "request must be a JSON object, not string"),
+        (None, "request must be a JSON object, not null"),
     ],
 )
 def test_non_object_request_is_refused(document: Any, message: str) -> None:
@@ -194,3 +194,9 @@ def test_unknown_kind_is_refused() -> None:
 )
 def test_salvage_execution_id(document: Any, expected: str) -> None:
     assert salvage_execution_id(document) == expected
+
+
+def test_out_of_range_number_is_refused() -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        decode_json(b'{"args": 1e999}')
+    assert raised.value.message == "payload is not JSON: 1e999 is out of range"

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -24,18 +26,33 @@ from rich.table import Table
 
 from veritech import __version__
 from veritech.client import make_request, open_client
-from veritech.errors import ClientError, SecretError, VeritechError
+from veritech.errors import (
+    ClientError,
+    InvalidRequest,
+    RequestTooLarge,
+    SecretError,
+    VeritechError,
+)
 from veritech.natsd import open_nats_server
 from veritech.secrets import Keyring, PublicKeyInfo, seal
 from veritech.server.config import DockerSettings, VeritechConfig
 from veritech.server.relay import OutputLimits
 from veritech.server.server import open_veritech
-from veritech.wire import Kind, ResponseType
+from veritech.wire import (
+    HANDLER_PATTERN,
+    MAX_NESTING,
+    Kind,
+    ResponseType,
+    decode_json,
+    nesting_depth,
+)
 
 T = TypeVar("T")
 NATS_URL_ENV = "VERITECH_NATS_URL"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 KINDS = [k.value for k in Kind]
+# A day: far above any server's maximum (which clamps), and finite.
+MAX_TIMEOUT_S = 86_400.0
 LEVEL_STYLES = {"debug": "dim", "info": "", "warn": "yellow", "error": "bold red"}
 
 out = Console(highlight=False, soft_wrap=True)
@@ -58,12 +75,24 @@ def _setup_logging(verbose: int, default: int = logging.WARNING) -> None:
     logging.getLogger("nats").setLevel(max(level, logging.CRITICAL))
 
 
+async def _cancel_on_sigterm(coro: Coroutine[Any, Any, T]) -> T:
+    # SIGTERM unwinds like Ctrl-C: the main task is cancelled, so every
+    # `async with` closes and the embedded nats-server and instances stop.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await coro
+
+
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_cancel_on_sigterm(coro))
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except asyncio.CancelledError:
+        err.print("terminated")
+        sys.exit(143)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,20 +112,21 @@ def main() -> None:
 def _load_args(value: str | None) -> Any:
     if value is None:
         return None
-    text = value
+    data = value.encode("utf-8", "surrogateescape")
     if value.startswith("@"):
         path = Path(value[1:])
         try:
-            text = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
         except OSError as exc:
             _fail_input(f"cannot read --args file {path}: {exc.strerror}")
+    # The same decoding veritech applies: UTF-8, strict JSON, bounded nesting.
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        _fail_input(
-            f"--args is not valid JSON: {exc.msg} "
-            f"(line {exc.lineno}, column {exc.colno})"
-        )
+        document = decode_json(data)
+        if nesting_depth(document) > MAX_NESTING:
+            raise InvalidRequest(f"nested more than {MAX_NESTING} levels deep")
+    except InvalidRequest as exc:
+        _fail_input(f"--args: {exc.message}")
+    return document
 
 
 def _parse_secrets(values: tuple[str, ...]) -> dict[str, str]:
@@ -122,7 +152,7 @@ def _print_message(message: dict[str, Any], as_json: bool) -> None:
         out.print(f"{prefix} [{style}]{text}[/]" if style else f"{prefix} {text}")
     elif kind == "result":
         stats = message.get("stats") or {}
-        timing = f"queue {stats.get('queue_ms')} ms, run {stats.get('run_ms')} ms"
+        timing = f"(queue {stats.get('queue_ms')} ms, run {stats.get('run_ms')} ms)"
         if message.get("status") == "success":
             unset = " (unset)" if message.get("unset") else ""
             out.print(f"[bold green]success[/]{unset} [dim]{timing}[/]")
@@ -134,9 +164,10 @@ def _print_message(message: dict[str, Any], as_json: bool) -> None:
             error = message.get("error") or {}
             name = f" {error['name']}" if error.get("name") else ""
             out.print(
-                f"[bold red]failure[/] {escape(str(error.get('kind')))}{escape(name)}: "
-                f"{escape(str(error.get('message')))} [dim]{timing}[/]"
+                f"[bold red]failure[/] {escape(str(error.get('kind')))}{escape(name)} "
+                f"[dim]{timing}[/]"
             )
+            out.print(escape(str(error.get("message"))))
 
 
 @contextlib.asynccontextmanager
@@ -165,7 +196,9 @@ async def _embedded_stack(
     "--args", "args_value", metavar="JSON|@FILE", help="The handler's argument."
 )
 @click.option(
-    "--timeout", type=click.FloatRange(min=0.001), help="Seconds (server default 30)."
+    "--timeout",
+    type=click.FloatRange(min=0.001, max=MAX_TIMEOUT_S),
+    help="Seconds (server default 30).",
 )
 @click.option(
     "--language",
@@ -232,6 +265,10 @@ def run(
         _fail_input(f"cannot read {file}: {exc}")
     if not code.strip():
         _fail_input(f"{file} is empty")
+    if not re.match(HANDLER_PATTERN, handler):
+        _fail_input(f"--handler {handler!r} is not a JavaScript identifier")
+    if timeout is not None and not math.isfinite(timeout):
+        _fail_input("--timeout must be a finite number of seconds")
     args = _load_args(args_value)
     secrets = _parse_secrets(secret_items)
     if language is None:
@@ -287,6 +324,9 @@ def run(
 def _run_client(go: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         return _run_async(go())
+    except RequestTooLarge as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        return 2
     except ClientError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}")
         return 1
