@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from veritech._process import die_with_parent
 from veritech.errors import NatsServerError
 
 logger = logging.getLogger("veritech.natsd")
@@ -68,6 +69,7 @@ async def open_nats_server(
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=log,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         try:
             url = await _wait_for_url(Path(scratch), process, log_path)

@@ -40,7 +40,7 @@ def test_run_prints_output_line_and_result() -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "stdout info  image reference: ghcr.io/acme/api:1.4.2"
-    assert lines[1].startswith("success queue ")
+    assert lines[1].startswith("success (queue ")
     assert lines[2] == '"ghcr.io/acme/api:1.4.2"'
     assert_no_traceback(done)
 
@@ -89,9 +89,9 @@ def test_run_of_a_failing_function_exits_1(tmp_path: Path) -> None:
     done = cli("run", str(code))
 
     assert done.returncode == 1
-    assert done.stdout.startswith(
-        "failure user_code_exception RangeError: out of range queue "
-    )
+    first, second = done.stdout.splitlines()
+    assert first.startswith("failure user_code_exception RangeError (queue ")
+    assert second == "out of range"
     assert_no_traceback(done)
 
 

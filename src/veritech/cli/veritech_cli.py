@@ -125,6 +125,12 @@ def _load_args(value: str | None) -> Any:
         if nesting_depth(document) > MAX_NESTING:
             raise InvalidRequest(f"nested more than {MAX_NESTING} levels deep")
     except InvalidRequest as exc:
+        cause = exc.__cause__
+        if isinstance(cause, json.JSONDecodeError):
+            _fail_input(
+                f"--args is not valid JSON: {cause.msg} "
+                f"(line {cause.lineno}, column {cause.colno})"
+            )
         _fail_input(f"--args: {exc.message}")
     return document
 

@@ -144,8 +144,10 @@ class Client:
                 execution_id,
             ) from None
         if msg.headers and msg.headers.get("Status") == "503":
+            subject = msg.headers.get("Nats-Subject", "")
             raise NoResponders(
-                f"no veritech is listening on {msg.headers.get('Nats-Subject', '')}",
+                f"no veritech is listening on {subject} (is veritech serving "
+                "this NATS with the same --subject-prefix?)",
                 execution_id,
             )
         try:

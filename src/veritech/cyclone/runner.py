@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from veritech._process import die_with_parent
 from veritech.cyclone.protocol import (
     Output,
     Returned,
@@ -62,9 +62,7 @@ def _prepare_child(data_limit: int) -> None:
     RLIMIT_AS cannot be used: V8 reserves many GiB of address space up front
     (pointer cage, code range) and Deno does not start under any useful one.
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    die_with_parent()
     resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))
 
 

@@ -297,6 +297,12 @@ class Cyclone:
     ) -> Ending:
         try:
             runner = await self._take_runner()
+            if not runner.alive:
+                # The waiting runner died while idle (killed from outside): a
+                # fresh one costs a runner start, not the execution.
+                logger.warning("the waiting runner had died; starting another")
+                await runner.kill()
+                runner = await Runner.start(self._config.runner)
         except (RunnerStartError, OSError) as exc:
             logger.error("runner unavailable: %s", exc)
             return Crashed(ErrorKind.INTERNAL, f"the runner could not start: {exc}")

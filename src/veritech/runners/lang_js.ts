@@ -105,6 +105,8 @@ function errorMessage(error: unknown): string {
 // Module load errors name the code by its (long, base64) data URL; say "code".
 const DATA_URL = /data:application\/(?:java|type)script;base64,[A-Za-z0-9+/=]+/g;
 
+const ALLOW_FLAG_ADVICE = /, run again with the --allow-[a-z-]+ flag/g;
+
 function fail(error: unknown): never {
   const body = objectCreate(null);
   let name = errorName(error);
@@ -115,6 +117,9 @@ function fail(error: unknown): never {
     name = "SyntaxError";
     message = message.slice("SyntaxError: ".length);
   }
+  // Deno's advice to "run again with the --allow-net flag" is for whoever
+  // starts Deno; the function's author cannot, and must not, follow it.
+  message = message.replace(ALLOW_FLAG_ADVICE, "");
   body.name = name;
   body.message = message;
   finish("throw", body);
@@ -122,6 +127,15 @@ function fail(error: unknown): never {
 
 function succeed(value: unknown): never {
   let text: string | undefined;
+  // JSON.stringify turns these into nothing at all; saying so beats a
+  // silent null.
+  if (typeof value === "function" || typeof value === "symbol") {
+    const body = objectCreate(null);
+    body.name = "UnserializableReturn";
+    body.message = "the returned value cannot be represented as JSON: it is a " +
+      typeof value;
+    finish("throw", body);
+  }
   try {
     text = stringify(value === undefined ? null : value);
   } catch (error) {
@@ -228,6 +242,17 @@ async function main(): Promise<void> {
       body.message = "handler '" + request.handler +
         "' is not defined at the top level of the code";
       finish("throw", body);
+    }
+    if (message.includes("SyntaxError")) {
+      // The message quotes the first line with the export in front of it and
+      // counts columns from there: parse the code alone for the user's view.
+      try {
+        await import(
+          "data:" + mediaType + ";base64," + toBase64(encode(request.code))
+        );
+      } catch (plain) {
+        fail(plain);
+      }
     }
     fail(error);
   }

@@ -86,6 +86,7 @@ class Execution:
     task: asyncio.Task[dict[str, Any]] | None = None
     instance: Instance | None = None
     killed: bool = False
+    started: float | None = None
     kill_reason: str = "the execution was killed on request"
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -398,10 +399,13 @@ class Veritech:
     async def _execute(self, execution: Execution, received: float) -> dict[str, Any]:
         """Run one execution; always returns its result message."""
         stream = execution.stream
-        started: float | None = None
 
         def finish(body: dict[str, Any]) -> dict[str, Any]:
+            # queue_ms: receipt to hand-over to an instance; run_ms: from then
+            # on. An execution that never reached an instance (refused, or
+            # killed while it waited) spent all its time queued.
             now = time.monotonic()
+            started = execution.started
             begin = started if started is not None else now
             queue_ms = round((begin - received) * 1000)
             run_ms = round((now - begin) * 1000) if started is not None else 0
@@ -410,7 +414,7 @@ class Veritech:
         try:
             if execution.killed:
                 raise asyncio.CancelledError
-            body, started = await self._run(execution, received)
+            body = await self._run(execution, received)
         except asyncio.CancelledError:
             if not execution.killed:
                 raise
@@ -422,9 +426,7 @@ class Veritech:
             body = failure_body(ErrorKind.INTERNAL, "veritech failed internally")
         return finish(body)
 
-    async def _run(
-        self, execution: Execution, received: float
-    ) -> tuple[dict[str, Any], float | None]:
+    async def _run(self, execution: Execution, received: float) -> dict[str, Any]:
         request = execution.request
 
         # 1. Checks that need no instance.
@@ -434,11 +436,11 @@ class Veritech:
                 ErrorKind.UNSUPPORTED,
                 f"language {request.language!r} is not supported; "
                 f"supported: {supported}",
-            ), None
+            )
         try:
             secret_values = self._open_secrets(request)
         except SecretError as exc:
-            return failure_body(ErrorKind.INVALID_REQUEST, str(exc)), None
+            return failure_body(ErrorKind.INVALID_REQUEST, str(exc))
         if secret_values:
             execution.stream.redact(Redactor(secret_values.values()))
 
@@ -455,12 +457,12 @@ class Veritech:
                     ErrorKind.CAPACITY,
                     f"no instance became free within the timeout of {timeout_ms} "
                     f"ms (pool size {self.config.pool_size})",
-                ), None
+                )
             except ImageUnavailable as exc:
-                return failure_body(ErrorKind.IMAGE_UNAVAILABLE, str(exc)), None
+                return failure_body(ErrorKind.IMAGE_UNAVAILABLE, str(exc))
             except BackendError as exc:
-                return failure_body(ErrorKind.INTERNAL, f"no instance: {exc}"), None
-            started = time.monotonic()
+                return failure_body(ErrorKind.INTERNAL, f"no instance: {exc}")
+            execution.started = time.monotonic()
             execution.instance = instance
 
             # 3. Run it, then give the instance back: single use discards it,
@@ -475,7 +477,7 @@ class Veritech:
                 reusable = not execution.killed and _leaves_instance_clean(body)
             except InstanceUnusable as exc:
                 if attempt == INSTANCE_ATTEMPTS:
-                    return await self._lost(instance, str(exc)), started
+                    return await self._lost(instance, str(exc))
                 logger.warning(
                     "execution %s: instance %s unusable (%s); taking another",
                     request.execution_id,
@@ -485,7 +487,7 @@ class Veritech:
                 continue
             finally:
                 self._spawn(self.pool.release(instance, reusable))
-            return body, started
+            return body
         raise AssertionError("unreachable: the last attempt returns")
 
     def _image_of(self, request: Request) -> str:
