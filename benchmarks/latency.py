@@ -342,8 +342,12 @@ async def process_section(args: argparse.Namespace, report: Report) -> None:
             nats_url=url,
             subject_prefix=f"bench{secrets.token_hex(4)}.",
             pool_size=args.pool_size,
+            executions_per_instance=args.executions_per_instance,
         )
-        step(f"starting veritech (pool size {args.pool_size})")
+        step(
+            f"starting veritech (pool size {args.pool_size}, "
+            f"{args.executions_per_instance} execution(s) per instance)"
+        )
         async with open_stack(url, config) as stack:
             step(f"veritech: {args.requests} warm requests, one at a time")
             warm = await warm_latency(
@@ -594,6 +598,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="instance starts to time; 0 skips the row (default 5)",
     )
     parser.add_argument(
+        "--executions-per-instance",
+        type=int,
+        default=1,
+        help="process: executions one instance serves (default 1: single use)",
+    )
+    parser.add_argument(
         "--backend",
         choices=["process", "docker"],
         default="process",
@@ -631,6 +641,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "total",
         "concurrency",
         "pool_size",
+        "executions_per_instance",
         "docker_requests",
         "docker_total",
     ):
