@@ -62,6 +62,10 @@ class ImagePool:
             len(self._ready), self.size, len(self._starting), self._started
         )
 
+    def _short(self) -> bool:
+        held = len(self._ready) + len(self._starting) + len(self._lent)
+        return held < self.size
+
     @property
     def waiting(self) -> int:
         return len(self._waiters)
@@ -126,6 +130,9 @@ class ImagePool:
         instance.executions += 1
         if instance.executions < self.executions_per_instance:
             self._lent.add(instance)
+        # Refill only now: an instance that may come back must already count
+        # as lent, or its replacement would be started for nothing.
+        self.fill()
         return instance
 
     async def release(self, instance: Instance, reusable: bool) -> None:
@@ -136,8 +143,11 @@ class ImagePool:
             if reusable and not self._closed and instance.alive:
                 with contextlib.suppress(Exception):
                     await instance.wait_ready(REUSE_READY_TIMEOUT_S, reopen_watch=False)
-                    if not self._closed:
-                        self._lent.discard(instance)
+                    self._lent.discard(instance)
+                    # Back to a waiting request, or to the pool while it is
+                    # short; a burst may have started extra instances, and a
+                    # returning one beyond size is discarded, not hoarded.
+                    if not self._closed and (self._waiters or self._short()):
                         self._hand_over(instance)
                         return
             self._lent.discard(instance)
@@ -149,7 +159,6 @@ class ImagePool:
         while self._ready:
             instance = self._ready.popleft()
             if instance.alive:
-                self.fill()
                 return instance
             logger.warning("ready instance %s had died; discarding it", instance.id)
             await instance.aclose()
@@ -165,7 +174,6 @@ class ImagePool:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
             raise
-        self.fill()
         return instance
 
     async def aclose(self) -> None:
