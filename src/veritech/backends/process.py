@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from veritech._process import die_with_parent
 from veritech.backends.base import Backend, Instance
 from veritech.backends.sandbox import bwrap_argv, python_roots
 from veritech.cyclone.runner import default_deno
@@ -189,6 +190,9 @@ class ProcessBackend(Backend):
                 stderr=stderr,
                 start_new_session=True,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                # bwrap's --die-with-parent guards what runs inside it; this
+                # makes bwrap itself (or an unwrapped cyclone) die with us.
+                preexec_fn=die_with_parent,
             )
         (directory / PID_FILE).write_text(str(process.pid))
         instance = ProcessInstance(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -118,4 +120,21 @@ def serve(
         )
         if bind_addr is not None:
             config.bind_host, config.bind_port = bind_addr
-        asyncio.run(serve_cyclone(config))
+        code = _serve_and_exit_code(config)
+        shutil.rmtree(scratch, ignore_errors=True)
+    # cyclone is thrown away once it has served: exit at once rather than
+    # wait on stray tasks. asyncio.run would wait for every cancelled task to
+    # finish, and a handler of a broken session that swallowed its
+    # cancellation would keep an orphan cyclone alive.
+    logging.shutdown()
+    os._exit(code)
+
+
+def _serve_and_exit_code(config: CycloneConfig) -> int:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(serve_cyclone(config))
+    except Exception:
+        logging.getLogger("cyclone.server").exception("cyclone failed")
+        return 1
+    return 0
