@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class CycloneConfig:
     heartbeat_interval_s: float = 5.0
     default_timeout_ms: int = 30_000
     socket_mode: int = 0o600
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Cyclone:
