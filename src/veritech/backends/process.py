@@ -242,10 +242,9 @@ def sweep_runtime_root(root: Path) -> int:
     """
     removed = 0
     for directory in root.iterdir() if root.exists() else ():
+        # Ours, or a live veritech's: not left by a crash.
         owner = _read_pid(directory / OWNER_FILE)
-        if owner is not None and owner != os.getpid() and _pid_alive(owner):
-            continue
-        if owner == os.getpid():
+        if owner is not None and (owner == os.getpid() or _pid_alive(owner)):
             continue
         pid = _read_pid(directory / PID_FILE)
         if pid is not None and _cmdline_mentions(pid, str(directory)):

@@ -27,7 +27,6 @@ from rich.table import Table
 from veritech import __version__
 from veritech.client import make_request, open_client
 from veritech.errors import (
-    ClientError,
     InvalidRequest,
     RequestTooLarge,
     SecretError,
@@ -59,8 +58,12 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def _fail_input(message: str) -> NoReturn:
+def _print_error(message: str) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}")
+
+
+def _fail_input(message: str) -> NoReturn:
+    _print_error(message)
     sys.exit(2)
 
 
@@ -331,25 +334,17 @@ def _run_client(go: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         return _run_async(go())
     except RequestTooLarge as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        _print_error(str(exc))
         return 2
-    except ClientError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        return 1
     except VeritechError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        _print_error(str(exc))
         return 1
     except (OSError, TimeoutError) as exc:
-        err.print(
-            "[bold red]error:[/] cannot reach NATS: "
-            f"{escape(str(exc) or type(exc).__name__)}"
-        )
+        _print_error(f"cannot reach NATS: {str(exc) or type(exc).__name__}")
         return 1
     except Exception as exc:
         if type(exc).__module__.startswith("nats"):
-            err.print(
-                f"[bold red]error:[/] NATS: {escape(str(exc) or type(exc).__name__)}"
-            )
+            _print_error(f"NATS: {str(exc) or type(exc).__name__}")
             return 1
         raise
 
@@ -518,11 +513,8 @@ def serve(
 
     try:
         _run_async(go())
-    except VeritechError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
-        sys.exit(1)
-    except OSError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    except (VeritechError, OSError) as exc:
+        _print_error(str(exc))
         sys.exit(1)
 
 
@@ -651,7 +643,7 @@ def image_build(tag: str | None, rebuild_base: bool, verbose: int) -> None:
     try:
         ref = build_image(tag, rebuild_base=rebuild_base)
     except VeritechError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        _print_error(str(exc))
         sys.exit(1)
     out.print(f"built {ref}")
 
